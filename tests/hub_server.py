@@ -480,14 +480,14 @@ except ImportError:  # pragma: no cover
 if pytest is not None:
 
     @pytest.fixture
-    def fake_hub(tmp_path, monkeypatch):
+    def fake_hub(tmp_path_factory, monkeypatch):
         """A running :class:`FakeHub` with ``huggingface_hub`` pointed at it: ``HF_ENDPOINT`` and the
-        client's endpoint constants, a fresh ``HF_HOME``/hub cache under ``tmp_path``, no token (neither
-        env nor file), online mode. Yields the hub; stops it afterwards."""
+        client's endpoint constants, a fresh ``HF_HOME``/hub cache (outside the test's ``tmp_path``),
+        no token (neither env nor file), online mode. Yields the hub; stops it afterwards."""
         from huggingface_hub import constants
 
         hub = FakeHub().start()
-        home = tmp_path / "hf_home"
+        home = tmp_path_factory.mktemp("hf_home")
         cache = home / "hub"
         cache.mkdir(parents=True)
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
