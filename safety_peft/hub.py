@@ -39,6 +39,7 @@ __all__ = [
     "card_text",
     "download_artifact_file",
     "is_offline",
+    "looks_like_repo_id",
     "upload_artifact_folder",
 ]
 
@@ -92,6 +93,21 @@ class HubNotFoundError(HubError, MaskFileError):
     def __init__(self, message: str, *, kind: str, **kwargs):
         super().__init__(message, **kwargs)
         self.kind = kind
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
+
+
+def looks_like_repo_id(value: str) -> bool:
+    """``name`` or ``namespace/name`` in the Hub's spelling, and not an existing local path."""
+    return (
+        isinstance(value, str)
+        and bool(_REPO_ID.match(value))
+        and ".." not in value
+        and "--" not in value
+        and not value.endswith(".")
+        and not os.path.exists(value)
+    )
 
 
 def is_offline() -> bool:
@@ -285,8 +301,12 @@ def card_text(
 ) -> str:
     """A model card (README.md text): YAML metadata the Hub indexes, then ``body`` (Markdown).
 
-    ``tags`` always include ``safety-peft``; other keyword arguments become metadata fields as given.
+    ``tags`` always include ``safety-peft``. ``base_model`` is written only when it looks like a Hub repo
+    id and is not a local path (the Hub rejects other values). Other keyword arguments become metadata
+    fields as given.
     """
     all_tags = [LIBRARY_NAME] + [t for t in tags if t != LIBRARY_NAME]
+    if base_model is not None and not looks_like_repo_id(base_model):
+        base_model = None
     data = ModelCardData(base_model=base_model, library_name=library_name, tags=all_tags, **metadata)
     return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
