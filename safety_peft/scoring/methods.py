@@ -68,16 +68,18 @@ class Wanda(ScoringMethod):
     def on_forward(self, name: str, x: torch.Tensor, completion_mask: torch.Tensor) -> None:
         # q/k/v (and gate/up) read the same tensor: compute its column sums of squares once.
         if x is not self._last_x:
-            tokens = x[completion_mask].float()
-            self._last_x, self._last_sq = x, torch.einsum("ti,ti->i", tokens, tokens)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            weights = completion_mask.reshape(-1).to(flat.dtype)
+            # sum_t c_t * x_t^2 as one matrix-vector product (no gather of the completion rows).
+            self._last_x, self._last_sq = x, torch.mv(flat.square().t(), weights)
         self.acc[name].add_(self._last_sq)
 
     def end_batch(self) -> None:
         self._last_x = self._last_sq = None
 
     def finalize(self, name: str, weight: torch.Tensor, num_samples: int) -> torch.Tensor:
-        norms = (self.acc[name] / num_samples).sqrt()
-        return weight.detach().float().abs() * norms.unsqueeze(0)
+        norms = (self.acc[name] / num_samples).sqrt_()
+        return weight.detach().float().abs().mul_(norms.unsqueeze(0))
 
 
 class Snip(ScoringMethod):
@@ -110,7 +112,7 @@ class Snip(ScoringMethod):
 
     def finalize(self, name: str, weight: torch.Tensor, num_samples: int) -> torch.Tensor:
         grad = self.acc[name].abs() if self.variant is SnipVariant.SUM else self.acc[name]
-        return weight.detach().float().abs() * grad
+        return weight.detach().float().abs().mul_(grad)
 
 
 class Magnitude(ScoringMethod):
