@@ -115,8 +115,9 @@ def spearman_sample(name: str, n: int, k: int, seed: int) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------- helpers
 def _names_and_check(before: Mapping, after: Mapping, label_a: str, label_b: str) -> list[str]:
     names_a, names_b = list(before), list(after)
-    missing_b = [n for n in names_a if n not in set(names_b)]
-    missing_a = [n for n in names_b if n not in set(names_a)]
+    set_a, set_b = set(names_a), set(names_b)
+    missing_b = [n for n in names_a if n not in set_b]
+    missing_a = [n for n in names_b if n not in set_a]
     if missing_a or missing_b:
         raise MaskMismatchError(
             f"{label_a} and {label_b} cover different weights: only in {label_a}: {missing_b[:5]}"
@@ -492,10 +493,10 @@ def compare_masks(
     tensor}`` mappings over the same weights and shapes); see the module docstring for definitions.
 
     ``locked`` is the lock mask used in training (default: ``before``). With ``scores_before`` and
-    ``scores_after`` (e.g. ``SafetyScores``) each row gets a Spearman rank correlation; with
-    ``base_model`` and ``finetuned_model`` (models, or ``{param name: tensor}``) it gets the weight drift
-    of locked vs unlocked entries. Raises :class:`~safety_peft.errors.MaskMismatchError` when names or
-    shapes differ.
+    ``scores_after`` (e.g. ``SafetyScores``, covering at least the masked weights) each row gets a
+    Spearman rank correlation; with ``base_model`` and ``finetuned_model`` (plain models, e.g. a merged
+    PEFT model, or ``{param name: tensor}``) it gets the weight drift of locked vs unlocked entries.
+    Raises :class:`~safety_peft.errors.MaskMismatchError` when names or shapes differ.
     """
     if (scores_before is None) != (scores_after is None):
         raise ValueError("Pass both scores_before and scores_after, or neither.")
@@ -507,9 +508,12 @@ def compare_masks(
     lock = before if locked is None else locked
     if locked is not None:
         _names_and_check(before, locked, "before", "locked")
-    if scores_before is not None:
-        _names_and_check(before, scores_before, "masks", "scores_before")
-        _names_and_check(before, scores_after, "masks", "scores_after")
+    for label, scores in (("scores_before", scores_before), ("scores_after", scores_after)):
+        missing = [n for n in names if scores is not None and n not in scores]
+        if missing:
+            raise MaskMismatchError(
+                f"{label} has no scores for {len(missing)} masked weights: {missing[:5]}."
+            )
     base_w, tuned_w = _weights(base_model), _weights(finetuned_model)
 
     rows = []
