@@ -168,6 +168,7 @@ class AdapterMasks:
         self.header = header
         self.layers: dict[str, "SafetyFreezeLayer"] = {}  # mask (weight) name -> layer
         self.loaded = loaded  # False while the codes are placeholders waiting for the adapter weights
+        self.placeholders: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (placeholder code, its version)
 
     @property
     def granularity(self) -> str:
@@ -191,7 +192,10 @@ class AdapterMasks:
         try:
             masks = SafetyMasks.from_encoded({n: c.detach().cpu() for n, c in codes.items()}, self.header)
         except MaskFileError as err:
-            if not self.loaded:
+            untouched = all(
+                codes[n] is code and codes[n]._version == version for n, (code, version) in self.placeholders.items()
+            )
+            if not self.loaded and untouched:
                 raise MaskFileError(
                     f"the masks of adapter {self.adapter_name!r} were never loaded: this model was built from a "
                     "saved SafetyFreezeConfig alone. Load the adapter weights too (PeftModel.from_pretrained, "
@@ -272,6 +276,9 @@ class SafetyFreezeLayer(BaseTunerLayer):
         adapter_masks.layers[mask_name] = self
         self.safety_freeze_mask_code[adapter_name] = code.to(weight.device)
         self._locks.pop(adapter_name, None)
+        if not adapter_masks.loaded:
+            placeholder = self.safety_freeze_mask_code[adapter_name]
+            adapter_masks.placeholders[mask_name] = (placeholder, placeholder._version)
         if mask is not None:
             self._set_lock(adapter_name, self.safety_freeze_mask_code[adapter_name], Lock(mask, self.weight_shape))
 

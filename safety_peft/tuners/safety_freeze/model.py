@@ -68,11 +68,18 @@ class SafetyFreezeModel(BaseTuner):
             if len(wanted) != len(masks):
                 from safety_peft.masks import SafetyMasks
 
+                provenance = dict(masks.provenance)
+                if provenance.get("model_fingerprint"):
+                    # the fingerprint covers the masked weights; the adapter keeps only the targeted ones
+                    # (checked against this model above, so their fingerprint is taken from it)
+                    from safety_peft.provenance import model_fingerprint
+
+                    provenance["model_fingerprint"] = model_fingerprint(nn.ModuleDict({"wrapped": model}), wanted)
                 masks = SafetyMasks(
                     {n: masks.row_mask(n) if masks.granularity == "neuron" else masks.mask(n) for n in wanted},
                     granularity=masks.granularity,
                     shapes={n: masks.shape(n) for n in wanted},
-                    provenance=masks.provenance,
+                    provenance=provenance,
                 )
             codes, header = masks.to_encoded()
             config.masks_header = header
@@ -102,7 +109,7 @@ class SafetyFreezeModel(BaseTuner):
         output_head = _output_head(model)
         targets = []
         for key, module in model.named_modules():
-            if not key or isinstance(module, BaseTunerLayer) or _inside_tuner_layer(model, key):
+            if not key or _inside_tuner_layer(model, key):
                 continue
             if not check_target_module_exists(config, key):
                 continue
@@ -111,7 +118,7 @@ class SafetyFreezeModel(BaseTuner):
                     f"{key!r} is the output head; safety_freeze never targets it (TRL computes log-probabilities "
                     "from lm_head.weight directly). Remove it from target_modules."
                 )
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, (nn.Linear, SafetyFreezeLayer)):
                 kind = type(module).__name__
                 hint = " (transformers' Conv1D stores its weight transposed, as in GPT-2)" if kind == "Conv1D" else ""
                 raise UnsupportedModuleError(
@@ -251,6 +258,9 @@ def _resolve_masks(config: SafetyFreezeConfig, model: nn.Module):
     from safety_peft.masks import SafetyMasks
 
     masks = config.masks
+    # Seen from a wrapper, the weights of layers already swapped in ("<module>.base_layer.weight") are
+    # found by the suffix rule of SafetyMasks.validate; seen from the model itself they would not be.
+    model = nn.ModuleDict({"wrapped": model})
     if isinstance(masks, SafetyMasks):
         masks.validate(model, check_fingerprint=config.check_fingerprint)
         return masks
