@@ -24,8 +24,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -184,7 +185,7 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
     value = getattr(torch, aliases.get(name, name), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"Unknown dtype {dtype!r}: use float32, bfloat16, float16 or 'auto'.")
+        raise TypeError(f"Unknown dtype {dtype!r}: use float32, bfloat16, float16 or 'auto'.")
     return value
 
 

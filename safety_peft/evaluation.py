@@ -31,16 +31,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from .errors import CalibrationDataError
 
-Prompt = Union[str, list[dict[str, str]]]
+Prompt = str | list[dict[str, str]]
 """A prompt is a user message (str) or a conversation (list of ``{"role", "content"}`` dicts)."""
 
-Judge = Union[Callable[[str], bool], Callable[[Any, str], bool]]
+Judge = Callable[[str], bool] | Callable[[Any, str], bool]
 """A refusal judge: ``judge(response) -> bool`` or ``judge(prompt, response) -> bool``; True means refused."""
 
 REFUSAL_PHRASES: list[str] = [
@@ -282,7 +282,7 @@ def _load_hub(dataset_id: str, split: str) -> list[Any]:
         from datasets import load_dataset
 
         return list(load_dataset(dataset_id, split=split))
-    except Exception as err:  # noqa: BLE001 - re-raised with context a user can act on
+    except Exception as err:
         raise CalibrationDataError(
             f"Could not load prompts from {dataset_id!r}: it is not a local file, and loading it as a Hub "
             f"dataset (split {split!r}) failed: {err}"
@@ -520,7 +520,7 @@ class EvalResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EvalResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
         return cls(
             refusal_rate=data.get("refusal_rate"),
             over_refusal_rate=data.get("over_refusal_rate"),
@@ -546,7 +546,7 @@ class EvalResult:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EvalResult":
+    def load(cls, path: str | os.PathLike) -> EvalResult:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def summary(self) -> str:
@@ -593,8 +593,8 @@ def evaluate_safety(
         raise CalibrationDataError("Give harmful_prompts, benign_prompts, or both.")
     _check_template(tokenizer, chat_template)
     decide = _judge_fn(judge)
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
-               system_prompt=system_prompt, progress=progress)
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "chat_template": chat_template,
+           "system_prompt": system_prompt, "progress": progress}
 
     def run(prompt_set: PromptSet | None, desc: str) -> list[Generation]:
         if prompt_set is None:
