@@ -144,3 +144,28 @@ def test_two_process_ddp_training_on_cpu_keeps_the_lock(tmp_path, adapter):
     merged = PeftModel.from_pretrained(make_llama(0), tmp_path / "adapter").merge_and_unload()
     broken, changed = lock_stats(merged, reference, masks)
     assert broken == 0 and changed > 0.9
+
+
+def test_recipe_trains_with_masks_from_a_folder_and_a_yaml_config(tmp_path):
+    """recipes/sft_safety_freeze.py end to end on a saved tiny model: YAML config, masks folder, lock check."""
+    model_dir, masks_dir, out_dir = tmp_path / "model", tmp_path / "masks", tmp_path / "out"
+    make_llama(0).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    masks = random_masks(make_llama(0), 0.3)
+    masks.save_pretrained(masks_dir)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in chat_rows(16)))
+    (tmp_path / "run.yaml").write_text(
+        f"model_name_or_path: {model_dir}\ndataset_name: {data}\nmasks: {masks_dir}\nadapter: lora\nlora_r: 4\n"
+        f"output_dir: {out_dir}\nuse_cpu: true\nbf16: true\ngradient_checkpointing: false\nmax_steps: 3\n"
+        "per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nmax_grad_norm: 1.0\nweight_decay: 0.1\n"
+        "learning_rate: 0.01\nmax_length: 64\nsave_strategy: 'no'\nreport_to: none\ndisable_tqdm: true\n"
+    )
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "sft_safety_freeze.py"), "--config", str(tmp_path / "run.yaml")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "safety lock: lock holds" in out.stdout
+    merged = PeftModel.from_pretrained(make_llama(0), out_dir).merge_and_unload()
+    broken, changed = lock_stats(merged, base_state(), masks)
+    assert broken == 0 and changed > 0.9
