@@ -12,6 +12,7 @@ import torch
 
 from safety_peft.compare import SCHEMA_VERSION, DriftReport, compare_masks, spearman
 from safety_peft.errors import MaskMismatchError
+from safety_peft.masks import SafetyMasks
 from tiny import make_llama
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -80,6 +81,17 @@ def test_identical_masks_and_scores_did_not_drift():
     assert report.summary["jaccard"] == 1.0 and report.summary["overlap"] == 1.0
     assert report.summary["new_critical"] == 0 and report.summary["lost_critical"] == 0
     assert [r["spearman"] for r in report.layers] == [1.0, 1.0, 1.0]
+
+
+def test_safety_masks_of_both_granularities_are_compared_as_full_shape_masks():
+    shapes = {Q0: (2, 4)}
+    rows = SafetyMasks({Q0: bools([True, False])}, granularity="neuron", shapes=shapes,
+                       provenance={"base_model": "org/base", "sparsity": 0.5})
+    entries = SafetyMasks({Q0: bools([[1, 1, 1, 0], [0, 0, 0, 1]])}, provenance={"base_model": "org/base"})
+    report = compare_masks(rows, entries)
+    row = report.layers[0]
+    assert (row["locked_before"], row["locked_after"], row["intersection"], row["union"]) == (4, 4, 3, 5)
+    assert report.provenance["before"] == {"base_model": "org/base", "sparsity": 0.5}
 
 
 def test_mismatched_names_shapes_or_half_given_inputs_are_refused():
