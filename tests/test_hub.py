@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from hub_server import fake_hub  # noqa: F401  (pytest fixture)
+from safety_peft.compare import compare_masks
 from safety_peft.errors import MaskFileError, SafetyPeftError
 from safety_peft.hub import (
     HubError,
@@ -19,6 +21,7 @@ from safety_peft.hub import (
     download_artifact_file,
     upload_artifact_folder,
 )
+from safety_peft.masks import SafetyMasks
 
 REPO = "my-org/tiny-safety-masks"
 
@@ -192,3 +195,61 @@ def test_bad_push_arguments_fail_before_any_request(fake_hub, tmp_path):  # noqa
     with pytest.raises(ValueError, match="commit hash"):
         upload_artifact_folder(make_artifact(tmp_path / "m"), REPO, revision="a" * 40)
     assert fake_hub.requests == []
+
+
+# ---------------------------------------------------------------------------------------- SafetyMasks
+def tiny_masks(seed: int) -> SafetyMasks:
+    g = torch.Generator().manual_seed(seed)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    return SafetyMasks({n: torch.rand(16, 32, generator=g) < 0.1 for n in names},
+                       provenance={"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "method": "wanda",
+                                   "sparsity": 0.1, "seed": seed})
+
+
+def test_safety_masks_round_trip_through_the_hub_by_revision_and_offline(fake_hub, tmp_path):  # noqa: F811
+    v1, v2 = tiny_masks(1), tiny_masks(2)
+    v1.push_to_hub(REPO, commit_message="masks v1")
+    v2.push_to_hub(REPO, revision="v2")
+
+    assert SafetyMasks.from_pretrained(REPO) == v1
+    assert SafetyMasks.from_pretrained(REPO, revision="v2") == v2
+    assert SafetyMasks.from_pretrained(REPO, revision="v2").provenance["seed"] == 2
+    card = fake_hub.files(REPO)["README.md"]
+    meta = front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["library_name"] == "safety-peft" and "safety-peft" in meta["tags"]
+    assert b"model.layers.1.mlp.down_proj.weight" in card  # the per-layer table
+
+    fake_hub.stop()
+    assert SafetyMasks.from_pretrained(REPO, revision="v2") == v2
+    assert SafetyMasks.from_pretrained(REPO, local_files_only=True) == v1
+
+
+def test_refused_masks_push_leaves_the_saved_artifact_loadable(fake_hub, tmp_path):  # noqa: F811
+    masks = tiny_masks(1)
+    folder = tmp_path / "masks"
+    masks.save_pretrained(folder)
+    before = snapshot(folder)
+    fake_hub.refuse_writes = True
+    with pytest.raises(HubError, match="403"):
+        upload_artifact_folder(folder, REPO)
+    with pytest.raises(HubError, match="403"):
+        masks.push_to_hub(REPO)
+    assert snapshot(folder) == before
+    assert SafetyMasks.from_pretrained(folder) == masks
+
+
+def test_drift_report_push(fake_hub, tmp_path):  # noqa: F811
+    before, after = tiny_masks(1), tiny_masks(2)
+    report = compare_masks(before, after)
+    url = report.push_to_hub("my-org/drift", commit_message="drift after SFT")
+    remote = fake_hub.files("my-org/drift")
+    assert url.endswith(fake_hub.repo("my-org/drift").branches["main"])
+    assert {"README.md", "drift.json", "drift.md", "jaccard_by_depth.png", "overlap_by_depth.png",
+            "by_module.png"} <= set(remote)
+    assert json.loads(remote["drift.json"]) == report.to_dict()
+    meta = front_matter(remote["README.md"])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"safety-peft", "drift-report"} <= set(meta["tags"])
+    assert b"## Per weight" in remote["README.md"]
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
