@@ -169,3 +169,12 @@ def test_recipe_trains_with_masks_from_a_folder_and_a_yaml_config(tmp_path):
     merged = PeftModel.from_pretrained(make_llama(0), out_dir).merge_and_unload()
     broken, changed = lock_stats(merged, base_state(), masks)
     assert broken == 0 and changed > 0.9
+
+
+def test_sft_with_trl_default_gradient_checkpointing(tmp_path):
+    """TRL turns gradient checkpointing on by default; the lock's autograd function is recomputed under it."""
+    masks = random_masks(make_llama(0), 0.3)
+    trainer = make_trainer(tmp_path, SafetyFreezeConfig(masks=masks), gradient_checkpointing=True)
+    trainer.train()
+    broken, changed = lock_stats(trainer.model.merge_and_unload(), base_state(), masks)
+    assert broken == 0 and changed > 0.9
