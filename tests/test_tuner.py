@@ -12,6 +12,7 @@ from torch import nn
 
 import safety_peft.tuners  # noqa: F401  (registers the method)
 from _tuner_utils import bits, linear_names, lock_stats, random_masks
+from hub_server import fake_hub  # noqa: F401  (pytest fixture)
 from safety_peft.errors import MaskFileError, MaskMismatchError, UnsupportedModuleError
 from safety_peft.masks import SafetyMasks
 from safety_peft.tuners.safety_freeze import SafetyFreezeConfig
@@ -395,3 +396,25 @@ def test_lock_check_callback_raises_when_a_locked_entry_moved():
     logged = LockCheckCallback(masks, on_violation="log")
     logged.on_train_begin(None, None, None, model=base)
     assert not logged.check(pm).ok
+
+
+def test_push_to_hub_and_load_by_repo_id(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+    """An adapter is self-contained: PEFT's own push_to_hub and from_pretrained need no extra code."""
+    import huggingface_hub.hf_api
+
+    # peft calls huggingface_hub.file_exists, bound to a client made at import time with the real endpoint
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", fake_hub.endpoint)
+    base = make_llama(0)
+    masks = random_masks(base, 0.2)
+    masks.push_to_hub("org/tiny-masks")
+    pm = peft("org/tiny-masks", make_llama(0), init_weights=False)  # masks by Hub repo id
+    assert pm.get_masks() == masks
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        expected = pm(input_ids=x).logits
+    pm.push_to_hub("org/tiny-adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(fake_hub.files("org/tiny-adapter"))
+    loaded = PeftModel.from_pretrained(make_llama(0), "org/tiny-adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, expected)
+    assert loaded.get_masks() == masks
