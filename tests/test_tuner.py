@@ -418,3 +418,23 @@ def test_push_to_hub_and_load_by_repo_id(fake_hub, tmp_path, monkeypatch):  # no
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=x).logits, expected)
     assert loaded.get_masks() == masks
+
+
+@pytest.mark.parametrize("density", [0.2, 0.8])  # index locks and bool-mask locks
+def test_two_active_adapters_train_and_merge_like_their_forward(density):
+    base = make_llama(0)
+    ref = state(base)
+    masks_a, masks_b = random_masks(base, density, seed=1), random_masks(base, density, seed=2)
+    pm = peft(masks_a)
+    pm.add_adapter("other", SafetyFreezeConfig(masks=masks_b, adapter="lora", r=2))
+    pm.base_model.set_adapter(["default", "other"])
+    assert {n.split(".")[-1] for n, p in pm.named_parameters() if p.requires_grad} >= {"default", "weight"}
+    x = train_steps(pm, steps=2, autocast=False)
+    with torch.no_grad():
+        out = pm(input_ids=x).logits
+        merged = pm.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, out, rtol=1e-4, atol=1e-5)
+    for name in masks_a.names:  # applied in order: entries both adapters lock keep the base bits
+        both = masks_a[name] & masks_b[name]
+        assert torch.equal(bits(merged.get_parameter(name))[both], bits(ref[name])[both])
+        assert not torch.equal(merged.get_parameter(name), ref[name])

@@ -71,15 +71,18 @@ class Lock:
         return other
 
     def restore_(self, target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """``target[M] = base[M]`` (converted to ``target``'s dtype), in place; returns ``target``."""
+        """``where(M, base, target)`` (``base`` converted to ``target``'s dtype); use the returned tensor.
+
+        Rows and indices are written into ``target`` in place; a bool mask gives a new tensor (a
+        ``torch.where`` with ``out=`` cannot be differentiated).
+        """
         if self.rows is not None:
-            target.index_copy_(0, self.rows, base.index_select(0, self.rows).to(target.dtype))
-        elif self.flat is not None:
-            flat_base = base.reshape(-1)
-            target.view(-1).index_put_((self.flat,), flat_base.index_select(0, self.flat).to(target.dtype))
-        else:
-            torch.where(self.mask, base.to(target.dtype), target, out=target)
-        return target
+            return target.index_copy_(0, self.rows, base.index_select(0, self.rows).to(target.dtype))
+        if self.flat is not None:
+            values = base.reshape(-1).index_select(0, self.flat).to(target.dtype)
+            target.view(-1).index_put_((self.flat,), values)
+            return target
+        return torch.where(self.mask, base.to(target.dtype), target)
 
     def zero_(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad[M] = 0`` in place; returns ``grad``."""
