@@ -39,11 +39,12 @@ def _compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dty
 class Lock:
     """The locked entries of one weight, held in the form that is cheapest to apply.
 
-    ``restore_(target, base)`` does ``target[M] = base[M]`` in place, so ``restore_(W + Δ, W)`` is
-    ``where(M, W, W + Δ)`` bit for bit; ``zero_(grad)`` does ``grad[M] = 0``. Neuron masks keep the locked
-    row numbers; weight masks keep sorted int32 flat indices when at most half of the entries are locked
-    (a CPU ``torch.where`` over a bool mask is several times slower than copying the few locked entries,
-    and the indices are also smaller than a bool mask), else the bool mask itself.
+    ``restore_(target, base)`` gives ``where(M, base, target)``, so ``restore_(W + Δ, W)`` is
+    ``where(M, W, W + Δ)`` bit for bit; ``zero_(grad)`` does ``grad[M] = 0`` in place. Neuron masks keep
+    the locked row numbers; weight masks keep the sorted flat indices of the locked entries (int32) when at
+    most half of them are locked, else the bool mask itself. On CPU, copying the locked entries by index
+    is several times faster than a ``torch.where`` over a bool mask (whose cost grows with the share of
+    locked entries), and below a quarter locked the indices are also smaller than the mask.
     """
 
     def __init__(self, mask: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -55,7 +56,8 @@ class Lock:
         else:
             self.num_locked = int(mask.sum())
             if self.num_locked * 2 <= mask.numel():
-                self.flat = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+                index_dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+                self.flat = mask.reshape(-1).nonzero().squeeze(1).to(index_dtype)
             else:
                 self.mask = mask
 
@@ -137,7 +139,7 @@ class _LockedLinear(torch.autograd.Function):
         out = F.linear(x_c, w_c, None if bias is None else bias.to(dtype))
         recompute = dtype == torch.promote_types(weight.dtype, delta.dtype)
         ctx.lock, ctx.x_dtype, ctx.dtype = lock, x.dtype, dtype
-        ctx.has_bias_grad = bias is not None and bias.requires_grad
+        ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
         ctx.save_for_backward(x_c, weight, delta, None if recompute else w_c)
         return out
 
@@ -154,8 +156,8 @@ class _LockedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g = flat_grad.t() @ x_c.reshape(-1, x_c.shape[-1])
             grad_delta = ctx.lock.zero_(g.to(delta.dtype))
-        if ctx.has_bias_grad:
-            grad_bias = flat_grad.sum(0)
+        if ctx.bias_dtype is not None:
+            grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_delta, None, grad_bias
 
 
