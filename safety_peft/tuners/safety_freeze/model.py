@@ -53,7 +53,7 @@ class SafetyFreezeModel(BaseTuner):
             config.target_modules = [module_name(n) for n in names]
         check_not_output_head(config.target_modules)
         targets = self._find_targets(config, model)
-        header_names = masks.names if masks is not None else list(config.masks_header["masks"])
+        header_names = set(masks.names if masks is not None else config.masks_header["masks"])
         without_mask = [t for t in targets if weight_name(t) not in header_names]
         if without_mask:
             shown = ", ".join(repr(t) for t in without_mask[:3])
