@@ -68,10 +68,9 @@ class Wanda(ScoringMethod):
     def on_forward(self, name: str, x: torch.Tensor, completion_mask: torch.Tensor) -> None:
         # q/k/v (and gate/up) read the same tensor: compute its column sums of squares once.
         if x is not self._last_x:
-            flat = x.reshape(-1, x.shape[-1]).float()
-            weights = completion_mask.reshape(-1).to(flat.dtype)
-            # sum_t c_t * x_t^2 as one matrix-vector product (no gather of the completion rows).
-            self._last_x, self._last_sq = x, torch.mv(flat.square().t(), weights)
+            # Gather the completion rows, then square and sum them in float32 (einsum was >100x slower on CPU).
+            tokens = x.reshape(-1, x.shape[-1])[completion_mask.reshape(-1)].float()
+            self._last_x, self._last_sq = x, tokens.square_().sum(0)
         self.acc[name].add_(self._last_sq)
 
     def end_batch(self) -> None:
