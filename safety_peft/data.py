@@ -81,7 +81,9 @@ class CalibrationData:
 
 def _describe_source(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
+        path = os.fspath(source)
+        # Local files are recorded by absolute path, so rescoring finds them from any working directory.
+        return os.path.abspath(path) if os.path.isfile(path) else path
     return f"<in-memory {type(source).__name__}>"
 
 

@@ -84,7 +84,7 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules = None) 
                 found[full] = module
             elif type(module).__name__ == "Conv1D":
                 unsupported.append((full, module))
-        if unsupported and not found:
+        if unsupported:  # refuse rather than silently skip part of the blocks
             raise _unsupported(*unsupported[0])
         if not found:
             raise UnsupportedModuleError(f"No nn.Linear layers found in the decoder blocks ({prefix.rstrip('.')}).")

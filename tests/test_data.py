@@ -120,3 +120,10 @@ def test_missing_chat_template_and_bad_files(tmp_path):
         load_calibration_data(tmp_path / "d.txt", no_template)
     with pytest.raises(CalibrationDataError, match="nsamples"):
         load_calibration_data([{"text": "x y"}], no_template, nsamples=0)
+
+
+def test_local_files_are_recorded_by_absolute_path(tmp_path, monkeypatch, tokenizer):
+    (tmp_path / "rel.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    data = load_calibration_data("rel.jsonl", tokenizer)
+    assert data.source == str(tmp_path / "rel.jsonl")

@@ -187,6 +187,13 @@ def test_bad_targets_get_clear_errors(tiny_llama):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     with pytest.raises(UnsupportedModuleError, match="Conv1D"):
         find_target_modules(gpt2)
+    # A block mixing Linear and Conv1D layers is refused too, not silently half-targeted.
+    from transformers.pytorch_utils import Conv1D
+
+    mixed = make_llama()
+    mixed.model.layers[1].mlp.up_proj = Conv1D(64, 32)
+    with pytest.raises(UnsupportedModuleError, match="layers.1.mlp.up_proj"):
+        find_target_modules(mixed)
 
 
 def test_unknown_method_and_missing_data(tiny_llama):

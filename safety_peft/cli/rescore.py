@@ -24,6 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the new masks")
     p.add_argument("--data", default=None, help="override the recorded safety data")
     p.add_argument("--utility-data", default=None, help="override the recorded utility data")
+    p.add_argument("--method", default=None, choices=["wanda", "snip", "magnitude", "random"],
+                   help="override the scoring method")
+    p.add_argument("--group", default=None, choices=["row", "layer", "global"], help="override the selection group")
+    p.add_argument("--granularity", default=None, choices=["weight", "neuron"], help="override the granularity")
     p.add_argument("--sparsity", type=fraction, default=None, help="override p")
     p.add_argument("--utility-sparsity", type=fraction, default=None, help="override q")
     p.add_argument("--nsamples", type=positive_int, default=None, help="override the number of samples")
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model = PeftModel.from_pretrained(model, args.adapter)
     overrides = {
         k: v for k, v in dict(
+            method=args.method, group=args.group, granularity=args.granularity,
             sparsity=args.sparsity, utility_sparsity=args.utility_sparsity, nsamples=args.nsamples,
             batch_size=args.batch_size,
         ).items() if v is not None

@@ -56,6 +56,9 @@ class SafetyScores(Mapping):
         try:
             tensors = {name: t.contiguous() for name, t in self._scores.items()}
             save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps({"provenance": self.provenance})})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
