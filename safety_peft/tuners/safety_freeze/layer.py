@@ -116,9 +116,10 @@ def locked_weight(weight: torch.Tensor, delta: torch.Tensor, lock: Lock, dtype: 
     converted to ``dtype``: exactly the base bits when ``dtype`` is the weight's own dtype (as in merging),
     and under autocast the same rounding a plain Linear applies to its weight.
     """
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    torch.add(weight, delta, out=out)
-    return lock.restore_(out, weight)
+    summed = torch.add(weight, delta)  # in the wider dtype; an add with a narrower out= is not vectorized on CPU
+    if summed.dtype != dtype:
+        summed = summed.to(dtype)
+    return lock.restore_(summed, weight)
 
 
 class _LockedLinear(torch.autograd.Function):
