@@ -12,7 +12,7 @@ load than wall time (the targets are judged on wall time). Memory is reported tw
 (parameters, buffers, gradients, optimizer state and the decoded locks), and the peak RSS growth of a
 fresh process per variant that builds the model and runs two steps (this one includes activations).
 
-    python benchmarks/bench_training.py            # bf16 autocast, 2 threads
+    python benchmarks/bench_training.py            # bf16 autocast, 2 threads (OMP_WAIT_POLICY=PASSIVE)
     python benchmarks/bench_training.py --dtype fp32 --reps 5
 """
 
@@ -26,7 +26,12 @@ import subprocess
 import sys
 import time
 
-import torch
+# OpenMP threads that spin while waiting turn a shared, busy 2-core machine into 10x slower, erratic steps
+# (measured here: 12 s instead of 1.3 s); sleeping waits keep the comparison about the code. Must be set
+# before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +209,8 @@ def main() -> None:
     def verdict(value, target):
         return f"{value:.3f}  (target <= {target}: {'met' if value <= target else 'NOT met'})"
 
-    print(f"CPU, torch {torch.__version__}, {args.threads} threads, {'bf16 autocast' if bf16 else 'fp32'}; "
+    print(f"CPU, torch {torch.__version__}, {args.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"{'bf16 autocast' if bf16 else 'fp32'}; "
           f"Llama-like model with {n_params / 1e6:.1f}M parameters ({n_target / 1e6:.1f}M in the target Linears); "
           f"batch {args.batch} x {args.seq} tokens; AdamW; {args.reps} interleaved steps per variant, medians; "
           f"{args.density:.0%} of entries (delta) / rows (lock_lora) locked; LoRA rank {args.rank}")
