@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -24,26 +23,26 @@ class ScriptArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     dtype: str = field(default="float32", metadata={"help": "Dtype to load the base model in (float32, bfloat16)."})
-    masks: Optional[str] = field(
+    masks: str | None = field(
         default=None, metadata={"help": "Lock masks: a mask folder, a safety_masks.safetensors file or a Hub repo id."}
     )
-    masks_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of --masks."})
-    safety_data: Optional[str] = field(
+    masks_revision: str | None = field(default=None, metadata={"help": "Hub revision of --masks."})
+    safety_data: str | None = field(
         default=None, metadata={"help": "Without --masks: calibration data to find the safety-critical weights."}
     )
-    utility_data: Optional[str] = field(
+    utility_data: str | None = field(
         default=None, metadata={"help": "Without --masks: utility data whose top weights are left unlocked."}
     )
     method: str = field(default="wanda", metadata={"help": "Scoring method: wanda, snip, magnitude or random."})
     sparsity: float = field(default=0.03, metadata={"help": "Share p of top safety scores (per group)."})
-    utility_sparsity: Optional[float] = field(default=None, metadata={"help": "Share q of top utility scores."})
+    utility_sparsity: float | None = field(default=None, metadata={"help": "Share q of top utility scores."})
     granularity: str = field(default="weight", metadata={"help": "Lock single entries ('weight') or rows ('neuron')."})
     nsamples: int = field(default=128, metadata={"help": "Calibration samples used for scoring."})
     adapter: str = field(default="delta", metadata={"help": "'delta' (full fine-tuning of unlocked entries) or 'lora'."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (adapter='lora')."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (adapter='lora')."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (adapter='lora')."})
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to train and lock; default: exactly the masked modules."}
     )
     check_lock: bool = field(default=True, metadata={"help": "Verify at the end of training that no locked entry moved."})

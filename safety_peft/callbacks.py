@@ -8,7 +8,8 @@ compares them, bit for bit, with the effective weights when training ends (and e
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from torch import nn
 from transformers import TrainerCallback
@@ -53,9 +54,9 @@ class LockCheckCallback(TrainerCallback):
     def __init__(
         self,
         masks: Any = None,
-        reference: Union[Mapping[str, Any], nn.Module, None] = None,
+        reference: Mapping[str, Any] | nn.Module | None = None,
         *,
-        every_n_steps: Optional[int] = None,
+        every_n_steps: int | None = None,
         on_violation: Literal["raise", "log"] = "raise",
     ) -> None:
         if on_violation not in ("raise", "log"):
@@ -64,21 +65,21 @@ class LockCheckCallback(TrainerCallback):
         self.reference = reference
         self.every_n_steps = every_n_steps or 0
         self.on_violation = on_violation
-        self.snapshot: Optional[LockSnapshot] = None
-        self.report: Optional[LockReport] = None
+        self.snapshot: LockSnapshot | None = None
+        self.report: LockReport | None = None
 
-    def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, **kwargs: Any):
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs: Any):
         model = _unwrap(model)
         if self.masks is None:
             self.masks = _masks_from_model(model)
         source = self.reference if self.reference is not None else model
         self.snapshot = snapshot_locked(source, self.masks)
 
-    def on_step_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs: Any):
+    def on_step_end(self, args, state, control, model: nn.Module | None = None, **kwargs: Any):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self.check(model, f"step {state.global_step}")
 
-    def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs: Any):
+    def on_train_end(self, args, state, control, model: nn.Module | None = None, **kwargs: Any):
         self.check(model, "end of training")
 
     def check(self, model: nn.Module, when: str = "now") -> LockReport:

@@ -7,8 +7,9 @@ plain (merged) model, its parameters.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -98,7 +99,7 @@ def _locked_values(weight: torch.Tensor, masks: Any, name: str) -> torch.Tensor:
     return weight[masks.mask(name).to(weight.device)]
 
 
-def snapshot_locked(reference: Union[Mapping[str, torch.Tensor], nn.Module], masks: Any) -> LockSnapshot:
+def snapshot_locked(reference: Mapping[str, torch.Tensor] | nn.Module, masks: Any) -> LockSnapshot:
     """Copy the locked entries of ``reference``'s target weights (to CPU): what ``verify_lock`` compares with.
 
     For a model with ``safety_freeze`` layers the base weights are read (not the effective ones), so a

@@ -14,14 +14,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from datasets import Dataset  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from _tuner_utils import random_masks
+from datasets import Dataset
+from tiny import chat_rows, make_llama, make_tokenizer
+from trl import SFTConfig, SFTTrainer
 
-import safety_peft.tuners  # noqa: E402,F401
-from _tuner_utils import random_masks  # noqa: E402
-from safety_peft.callbacks import lock_trainer  # noqa: E402
-from safety_peft.tuners.safety_freeze import SafetyFreezeConfig  # noqa: E402
-from tiny import chat_rows, make_llama, make_tokenizer  # noqa: E402
+import safety_peft.tuners  # noqa: F401
+from safety_peft.callbacks import lock_trainer
+from safety_peft.tuners.safety_freeze import SafetyFreezeConfig
 
 
 def main(out_dir: str, adapter: str) -> None:

@@ -92,7 +92,11 @@ def test_enum_extension_on_python_3_10_to_3_13(minor):
 
 def test_import_registers_safety_freeze_with_peft():
     import peft
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
 
     import safety_peft.tuners  # noqa: F401
     from safety_peft.tuners.safety_freeze import SafetyFreezeConfig, SafetyFreezeModel

@@ -12,16 +12,16 @@ import sys
 
 import pytest
 import torch
+from _tuner_utils import lock_stats, random_masks
 from datasets import Dataset
 from peft import PeftModel
+from tiny import chat_rows, make_llama, make_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 import safety_peft.tuners  # noqa: F401
-from _tuner_utils import lock_stats, random_masks
 from safety_peft.callbacks import lock_trainer
 from safety_peft.tuners.safety_freeze import SafetyFreezeConfig
 from safety_peft.verification import verify_lock
-from tiny import chat_rows, make_llama, make_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

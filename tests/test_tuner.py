@@ -6,20 +6,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _tuner_utils import bits, linear_names, lock_stats, random_masks
+from hub_server import fake_hub  # noqa: F401  (pytest fixture)
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
+from tiny import make_llama
 from torch import nn
 
 import safety_peft.tuners  # noqa: F401  (registers the method)
-from _tuner_utils import bits, linear_names, lock_stats, random_masks
-from hub_server import fake_hub  # noqa: F401  (pytest fixture)
 from safety_peft.errors import MaskFileError, MaskMismatchError, UnsupportedModuleError
 from safety_peft.masks import SafetyMasks
 from safety_peft.tuners.safety_freeze import SafetyFreezeConfig
 from safety_peft.tuners.safety_freeze.layer import Linear as LockedLinear
 from safety_peft.tuners.safety_freeze.layer import Lock, _LockedLinear, locked_weight
 from safety_peft.verification import LockViolationError, snapshot_locked, verify_lock
-from tiny import make_llama
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 

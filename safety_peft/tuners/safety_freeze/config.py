@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -34,7 +34,7 @@ class SafetyFreezeConfig(PeftConfig):
     provenance) goes into the config, so an adapter folder is self-contained.
     """
 
-    masks: Optional[Union[str, "SafetyMasks"]] = field(
+    masks: str | SafetyMasks | None = field(
         default=None,
         metadata={
             "help": (
@@ -44,7 +44,7 @@ class SafetyFreezeConfig(PeftConfig):
             )
         },
     )
-    masks_revision: Optional[str] = field(
+    masks_revision: str | None = field(
         default=None, metadata={"help": "Hub revision (branch, tag or commit) when `masks` is a repo id."}
     )
     adapter: Literal["delta", "lora"] = field(
@@ -59,7 +59,7 @@ class SafetyFreezeConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank (adapter='lora' only)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is alpha/r * B @ A."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (adapter='lora' only)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -69,7 +69,7 @@ class SafetyFreezeConfig(PeftConfig):
             )
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": (
@@ -97,7 +97,7 @@ class SafetyFreezeConfig(PeftConfig):
             )
         },
     )
-    masks_header: Optional[dict[str, Any]] = field(
+    masks_header: dict[str, Any] | None = field(
         default=None,
         metadata={
             "help": (
@@ -106,7 +106,7 @@ class SafetyFreezeConfig(PeftConfig):
             )
         },
     )
-    masks_source: Optional[str] = field(
+    masks_source: str | None = field(
         default=None,
         metadata={"help": "Filled in when the adapter is created: where the masks came from (informational)."},
     )
@@ -147,7 +147,7 @@ class SafetyFreezeConfig(PeftConfig):
             out["masks_source"] = describe_masks(self.masks)
         return out
 
-    def __deepcopy__(self, memo: dict) -> "SafetyFreezeConfig":
+    def __deepcopy__(self, memo: dict) -> SafetyFreezeConfig:
         # the masks object is immutable in use: share it instead of copying every bool tensor
         clone = copy.copy(self)
         for f in dataclasses.fields(self):
@@ -156,7 +156,7 @@ class SafetyFreezeConfig(PeftConfig):
         return clone
 
 
-def describe_masks(masks: Any) -> Optional[str]:
+def describe_masks(masks: Any) -> str | None:
     """A short JSON-able description of where masks came from."""
     if masks is None:
         return None

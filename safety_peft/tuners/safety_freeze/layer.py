@@ -17,14 +17,13 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
 
 ADAPTER_KINDS = ("delta", "lora")
 
@@ -65,7 +64,7 @@ class Lock:
     def device(self) -> torch.device:
         return next(t for t in (self.rows, self.flat, self.mask) if t is not None).device
 
-    def to(self, device: torch.device) -> "Lock":
+    def to(self, device: torch.device) -> Lock:
         if self.device == device:
             return self
         other = copy.copy(self)
@@ -172,7 +171,7 @@ class AdapterMasks:
     def __init__(self, adapter_name: str, header: dict[str, Any], *, loaded: bool) -> None:
         self.adapter_name = adapter_name
         self.header = header
-        self.layers: dict[str, "SafetyFreezeLayer"] = {}  # mask (weight) name -> layer
+        self.layers: dict[str, SafetyFreezeLayer] = {}  # mask (weight) name -> layer
         self.loaded = loaded  # False while the codes are placeholders waiting for the adapter weights
         self.placeholders: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (placeholder code, its version)
 
@@ -243,7 +242,7 @@ class SafetyFreezeLayer(BaseTunerLayer):
         # adapter -> (the code tensor the lock was decoded from, the lock); never saved
         self._locks: dict[str, tuple[torch.Tensor, Lock]] = {}
         # the base weight as it was before the first merge, so that unmerge restores it bit for bit
-        self._weight_before_merge: Optional[torch.Tensor] = None
+        self._weight_before_merge: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -271,7 +270,7 @@ class SafetyFreezeLayer(BaseTunerLayer):
         lora_dropout: float = 0.0,
         init_weights: bool = True,
         inference_mode: bool = False,
-        mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
     ) -> None:
         """Add adapter ``adapter_name``; ``mask``, when given, is ``code`` already decoded."""
         if adapter_kind not in ADAPTER_KINDS:
@@ -356,7 +355,7 @@ class SafetyFreezeLayer(BaseTunerLayer):
         b = self.safety_freeze_B[adapter_name].weight
         return (b @ a) * self.scaling[adapter_name]
 
-    def effective_weight(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
+    def effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """``where(M, W, W + Δ)`` in the base weight's dtype, adapter after adapter (as merging writes it)."""
         weight = self.get_base_layer().weight.detach()
         names = self.active_adapters if adapter_names is None else adapter_names
@@ -435,7 +434,7 @@ class Linear(nn.Module, SafetyFreezeLayer):
         return result + F.linear(dropout(x).to(result.dtype), update.to(result.dtype))
 
     # ------------------------------------------------------------------------------------------ merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write ``where(M, W, W + Δ)`` into the base weight; the pre-merge weight is kept for ``unmerge``."""
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.adapter_kind]
         if not adapter_names:

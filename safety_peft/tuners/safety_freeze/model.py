@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
 
 from safety_peft.errors import MaskMismatchError, UnsupportedModuleError
 
@@ -21,7 +20,7 @@ def weight_name(module_name: str) -> str:
 
 
 def module_name(weight_name: str) -> str:
-    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+    return weight_name.removesuffix(".weight")
 
 
 class SafetyFreezeModel(BaseTuner):
@@ -44,7 +43,7 @@ class SafetyFreezeModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config: SafetyFreezeConfig = self.peft_config[adapter_name]
         masks = _resolve_masks(config, model)
@@ -191,7 +190,7 @@ class SafetyFreezeModel(BaseTuner):
             masks, granularity=store.granularity, shapes=shapes, provenance=store.header.get("provenance")
         )
 
-    def lock_summary(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+    def lock_summary(self, adapter_name: str | None = None) -> dict[str, int]:
         """Counts that say what really trains.
 
         ``trainable_params`` is what the optimizer holds (PEFT's count); ``trainable_entries`` the weight
@@ -218,7 +217,7 @@ class SafetyFreezeModel(BaseTuner):
             "target_entries": total,
         }
 
-    def print_lock_summary(self, adapter_name: Optional[str] = None) -> None:
+    def print_lock_summary(self, adapter_name: str | None = None) -> None:
         s = self.lock_summary(adapter_name)
         share = s["locked_entries"] / s["target_entries"] if s["target_entries"] else 0.0
         print(
@@ -237,7 +236,7 @@ def _placeholder_code(entry: dict[str, Any], granularity: str) -> torch.Tensor:
     return torch.zeros(math.ceil(n / 8), dtype=torch.uint8)
 
 
-def _output_head(model: nn.Module) -> Optional[nn.Module]:
+def _output_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None
