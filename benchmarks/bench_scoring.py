@@ -12,15 +12,20 @@ per-round ratios, so drift in machine speed cancels. Run: python benchmarks/benc
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# Sleeping (not spinning) OpenMP waits: on a shared 2-core machine spinning threads of other processes
+# turn every small parallel op into a stall. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from safety_peft.data import iter_batches, load_calibration_data
-from safety_peft.scoring import score_model
-from safety_peft.selection import select_critical
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from safety_peft.data import iter_batches, load_calibration_data  # noqa: E402
+from safety_peft.scoring import score_model  # noqa: E402
+from safety_peft.selection import select_critical  # noqa: E402
 
 
 def build_model(args) -> LlamaForCausalLM:
@@ -55,7 +60,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
@@ -68,7 +73,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     calib = synthetic_data(args)
     batches = list(iter_batches(calib.samples, args.batch_size, pad_token_id=0))
-    print(f"model: Llama, {n_params / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}; "
+    print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; model: Llama, {n_params / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}; "
           f"{len(calib)} samples x <= {args.seq_len} tokens, batch {args.batch_size}, {args.threads} threads")
 
     def plain_forward():
