@@ -44,7 +44,9 @@ def _lookup(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
     if name in params:
         return params[name]
     suffix = "." + name
-    matches = [p for n, p in params.items() if _strip_wrapper_segments(n).endswith(suffix)]
+    # A tuner layer without PEFT's prefix (add_adapter) only moves the weight to `base_layer.weight`.
+    matches = [p for n, p in params.items()
+               if (stripped := _strip_wrapper_segments(n)) == name or stripped.endswith(suffix)]
     return matches[0] if len(matches) == 1 else None
 
 
