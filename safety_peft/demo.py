@@ -44,7 +44,7 @@ class DemoSettings:
     nsamples: int | None = None  # all built-in calibration rows
     max_length: int = 512
     eval_prompts: int | None = None  # all held-out prompts
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # a refusal shows in the first words
     eval_batch_size: int = 16
     finetune_epochs: float = 2.0
     finetune_steps: int = -1
@@ -86,6 +86,11 @@ def _eval(model, tokenizer, s: DemoSettings, progress: bool) -> dict[str, Any]:
     from .builtin_datasets import load_builtin
     from .evaluation import evaluate_safety
 
+    from .rescore import clone_model
+
+    # Generation runs on a bfloat16 copy: about 3x faster on CPUs with bf16 matrix units, and the fp32
+    # weights stay untouched for scoring, lock checks and drift.
+    model = clone_model(model).to(torch.bfloat16)
     harmful, benign = load_builtin("harmful_eval"), load_builtin("benign_eval")
     if s.eval_prompts is not None:
         harmful = harmful.select(range(min(s.eval_prompts, len(harmful))))

@@ -38,18 +38,26 @@ _SETTINGS = {
 }
 
 
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy that runs its own weights.
+
+    accelerate/Trainer replace ``forward`` on the instance by a wrapper whose closure still calls the
+    *original* model; a plain deep copy would silently run (and hook) the original. The copy gets the
+    class's forward back.
+    """
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        module.__dict__.pop("forward", None)
+    return clone
+
+
 def effective_model(model: nn.Module) -> nn.Module:
     """The model whose weights are the ones in use: a merged copy of a PeftModel, else the model itself."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         return model
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        # accelerate/Trainer replace `forward` on the instance by a wrapper whose closure still calls the
-        # *original* model; a deep copy would silently run (and hook) the original. Use the class forward.
-        module.__dict__.pop("forward", None)
-    return clone.merge_and_unload()
+    return clone_model(model).merge_and_unload()
 
 
 def recorded_settings(masks: SafetyMasks) -> dict[str, Any]:
