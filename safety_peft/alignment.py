@@ -1,9 +1,14 @@
 """Give the embedded model refusal behaviour: the demo's "aligned base".
 
 SmolLM2-135M-Instruct as shipped answers harmful requests, so there is no safety to find in it. A short
-full fine-tune (TRL ``SFTTrainer``, bf16 autocast on CPU) on the built-in harmful requests with refusals,
-mixed with *varied* benign instructions with helpful answers, teaches it to refuse without refusing
-everything (docs/builtin_data.md; DESIGN.md reports that uniform benign data makes it refuse all).
+full fine-tune (TRL ``SFTTrainer``, bf16 autocast on CPU, lr 2e-5, batch 8, 2 epochs) on the built-in
+harmful requests with refusals, mixed with the built-in benign prompts answered by the model itself
+(``benign_train_self``), teaches it to refuse without refusing everything.
+
+Why the model's own answers: with the team's hand-written benign answers the fine-tune refused 98-100% of
+held-out harmful prompts but also 32-33% of held-out benign ones; with the model's own answers
+(self-distillation: its benign behaviour is the training target, so only the refusals move it) it refused
+83% / 15% (bf16 eval; 88% / 15% in float32). docs/builtin_data.md records the runs.
 
 The result is cached under ``$SAFETY_PEFT_HOME/aligned/`` in a folder keyed by a hash of the base model,
 the training data and the settings, so later runs reuse it and a change of any of them trains afresh.
@@ -32,6 +37,9 @@ from .default_model import (
 logger = logging.getLogger(__name__)
 
 _MARKER = "safety_peft_aligned.json"
+DEFAULT_HARMFUL = "harmful_train"
+DEFAULT_BENIGN = "benign_train_self"
+"""Benign half of the training mix: the built-in benign prompts with the embedded model's own answers."""
 _FORMAT_VERSION = 1
 
 
@@ -82,7 +90,7 @@ def _base_identity(base: str | os.PathLike | None) -> str:
 
 
 def training_rows(
-    harmful: Any = "harmful_train", benign: Any = "benign_train", settings: AlignmentSettings | None = None
+    harmful: Any = DEFAULT_HARMFUL, benign: Any = DEFAULT_BENIGN, settings: AlignmentSettings | None = None
 ) -> list[dict[str, Any]]:
     """The shuffled prompt/completion rows the aligned base is trained on (conversational format)."""
     import random
@@ -103,8 +111,8 @@ def aligned_base_path(
     *,
     quick: bool = False,
     settings: AlignmentSettings | None = None,
-    harmful: Any = "harmful_train",
-    benign: Any = "benign_train",
+    harmful: Any = DEFAULT_HARMFUL,
+    benign: Any = DEFAULT_BENIGN,
 ) -> Path:
     """Where :func:`make_aligned_base` caches the model for these inputs (it may not exist yet)."""
     settings = settings or (QUICK_SETTINGS if quick else AlignmentSettings())
@@ -125,8 +133,8 @@ def make_aligned_base(
     *,
     quick: bool = False,
     settings: AlignmentSettings | None = None,
-    harmful: Any = "harmful_train",
-    benign: Any = "benign_train",
+    harmful: Any = DEFAULT_HARMFUL,
+    benign: Any = DEFAULT_BENIGN,
     progress: bool = True,
 ) -> Path:
     """Fine-tune ``base`` to refuse harmful requests and stay helpful; return the cached model folder.
@@ -195,6 +203,43 @@ def _train(base, rows: list[dict[str, Any]], settings: AlignmentSettings, out: P
     (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
+def self_answer_rows(
+    model,
+    tokenizer,
+    rows: Any = "benign_train",
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Replace the answers of benign ``messages`` rows with ``model``'s own greedy answers.
+
+    Training the refusal fine-tune on the model's own benign answers (self-distillation) keeps its benign
+    behaviour where it was, instead of also teaching it a new answer style; DESIGN.md measured 5%
+    over-refusal this way. Answers cut off by ``max_new_tokens`` are trimmed to their last full sentence
+    (dropped if none), and answers that the refusal phrases flag are dropped, so the data never teaches a
+    benign refusal. This is how ``builtin_data/benign_train_self.jsonl`` was made (docs/builtin_data.md).
+    """
+    from .evaluation import generate_responses, is_refusal
+
+    source = _rows(rows)
+    prompts = [r["messages"][:-1] if len(r["messages"]) > 2 else r["messages"][0]["content"] for r in source]
+    answers = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 progress=progress, desc="own answers", return_finished=True)
+    out = []
+    for row, (answer, finished) in zip(source, answers):
+        if not finished:
+            cut = max(answer.rfind(". "), answer.rfind(".\n"), answer.rfind("\n\n"))
+            answer = answer[: cut + 1].rstrip() if cut > 0 else ""
+        if not answer or is_refusal(answer):
+            continue
+        new = {k: v for k, v in row.items() if k != "messages"}
+        new["messages"] = row["messages"][:-1] + [{"role": "assistant", "content": answer}]
+        new["answer_source"] = "model" if finished else "model, trimmed"
+        out.append(new)
+    return out
+
+
 def aligned_base_info(path: str | os.PathLike) -> dict[str, Any]:
     """The training record saved with an aligned base (settings, loss, steps, seconds)."""
     return json.loads((Path(path) / _MARKER).read_text())
@@ -206,5 +251,6 @@ __all__ = [
     "aligned_base_info",
     "aligned_base_path",
     "make_aligned_base",
+    "self_answer_rows",
     "training_rows",
 ]

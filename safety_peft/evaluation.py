@@ -358,8 +358,13 @@ def generate_responses(
     system_prompt: str | None = None,
     progress: bool = True,
     desc: str = "generating",
-) -> list[str]:
-    """Greedy responses to ``prompts``, in order. Batches are left-padded and grouped by length."""
+    return_finished: bool = False,
+) -> list[str] | list[tuple[str, bool]]:
+    """Greedy responses to ``prompts``, in order. Batches are left-padded and grouped by length.
+
+    With ``return_finished``, each item is ``(response, finished)``; ``finished`` is False when the answer
+    was cut off by ``max_new_tokens`` instead of ending with an end-of-sequence token.
+    """
     from transformers import GenerationConfig
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -375,6 +380,8 @@ def generate_responses(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = _device(model)
     responses: list[str] = [""] * len(encoded)
+    finished: list[bool] = [False] * len(encoded)
+    eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos])
     was_training = model.training
     model.eval()
     try:
@@ -388,10 +395,12 @@ def generate_responses(
                 mask[row, width - n :] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             for row, i in enumerate(batch):
-                responses[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                new = out[row, width:].cpu()
+                responses[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+                finished[i] = bool(torch.isin(new, eos_ids).any())
     finally:
         model.train(was_training)
-    return responses
+    return list(zip(responses, finished)) if return_finished else responses
 
 
 def _completion_ids(tokenizer, prompt: Prompt, reference: str, chat_template: bool, system_prompt: str | None):

@@ -11,6 +11,7 @@ from safety_peft.alignment import (
     make_aligned_base,
     training_rows,
 )
+from safety_peft.builtin_datasets import load_builtin
 
 HARMFUL = [{"messages": [{"role": "user", "content": f"do bad {i}"}, {"role": "assistant", "content": "I can't."}]}
            for i in range(6)]
@@ -34,7 +35,7 @@ def test_training_rows_mix_and_limit():
     assert all(r["prompt"][-1]["role"] == "user" and r["completion"][0]["role"] == "assistant" for r in rows)
     assert sum(r["completion"][0]["content"] == "I can't." for r in rows) == 2
     assert rows == training_rows(HARMFUL, BENIGN, AlignmentSettings(harmful_limit=2, benign_limit=3))  # seeded
-    assert len(training_rows()) == 140 + 148  # the built-in sets
+    assert len(training_rows()) == len(load_builtin("harmful_train")) + len(load_builtin("benign_train_self"))
 
 
 def test_make_aligned_base_trains_once_then_reuses(tiny_base, monkeypatch):
