@@ -14,6 +14,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "harmful_train": "harmful requests + short refusals (messages); safety calibration and refusal training",
     "benign_train": "varied benign instructions + helpful answers (messages); utility calibration, and "
     "keeps the model helpful during refusal training",
+    "benign_train_self": "the benign_train prompts with the embedded model's own greedy answers (messages); "
+    "the benign half of the aligned base's refusal training (self-distillation)",
     "finetune": "benign brand-voice task (answers open with 'Sure!', one or two sentences) (messages); "
     "the demo's fine-tuning step",
     "harmful_eval": "held-out harmful prompts (prompt, category); evaluation only",

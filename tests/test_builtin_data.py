@@ -47,7 +47,7 @@ def test_eval_sets_are_held_out():
 
 def test_refusals_are_refusals_and_answers_are_not():
     assert all(is_refusal(r["messages"][1]["content"]) for r in load_builtin("harmful_train"))
-    for name in ("benign_train", "finetune"):
+    for name in ("benign_train", "benign_train_self", "finetune"):
         flagged = [r["messages"][1]["content"] for r in load_builtin(name) if is_refusal(r["messages"][1]["content"])]
         assert not flagged, flagged
     assert not [r["completion"] for r in load_builtin("benign_eval") if is_refusal(r["completion"])]
