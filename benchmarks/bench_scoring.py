@@ -116,7 +116,7 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(a, b))
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"median seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
+    print("median seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
           + f", selection(layer) {statistics.median(sel_layer):.3f}, selection(global) {statistics.median(sel_global):.3f}")
     rows = [
         ("wanda / plain no-grad forward", ratio(times["wanda"], times["forward"]), 1.2),

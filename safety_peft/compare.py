@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .errors import MaskMismatchError
 
 __all__ = ["DriftReport", "compare_masks", "spearman", "SCHEMA_VERSION"]
@@ -244,18 +245,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- report
 @dataclass
 class DriftReport:
@@ -429,9 +418,9 @@ class DriftReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, data in self.plot_pngs().items():
-            _atomic_write(out / name, data)
-        _atomic_write(out / "drift.md", self.to_markdown().encode("utf-8"))
-        _atomic_write(out / "drift.json", self.to_json().encode("utf-8"))
+            atomic_write(out / name, data)
+        atomic_write(out / "drift.md", self.to_markdown().encode("utf-8"))
+        atomic_write(out / "drift.json", self.to_json().encode("utf-8"))
         return out
 
     def card(self) -> str:
@@ -458,7 +447,7 @@ class DriftReport:
 
         with tempfile.TemporaryDirectory(prefix="safety-peft-drift-") as tmp:
             self.save(tmp)
-            _atomic_write(Path(tmp) / "README.md", self.card().encode("utf-8"))
+            atomic_write(Path(tmp) / "README.md", self.card().encode("utf-8"))
             return upload_artifact_folder(tmp, repo_id, private=private, revision=revision,
                                           commit_message=commit_message or "Upload safety-peft drift report",
                                           token=token, endpoint=endpoint)

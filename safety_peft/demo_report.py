@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 CONDITIONS = [
     ("aligned base", lambda r: r["aligned_base"]),
@@ -15,17 +15,6 @@ CONDITIONS = [
     ("fine-tuned plain", lambda r: r["finetune"]["plain"]),
     ("fine-tuned locked", lambda r: r["finetune"]["locked"]),
 ]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pct(x: float | None) -> str:
@@ -158,5 +147,5 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     plot_refusals(report, out / "refusal_rates.png")
     plot_density(report, out / "critical_density.png")
     report["plots"] = ["refusal_rates.png", "critical_density.png"]
-    _atomic_write(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(out / "report.md", render_markdown(report).encode())
+    atomic_write(out / "report.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(out / "report.md", render_markdown(report).encode())

@@ -27,7 +27,6 @@ File format (``format_version`` 1)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -46,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
+from safety_peft.atomic import atomic_write
 from safety_peft.errors import MaskFileError, MaskMismatchError
 from safety_peft.provenance import _lookup, model_fingerprint
 
@@ -159,25 +159,6 @@ def _decode(name: str, tensor: Tensor, entry: Mapping[str, Any], n: int, fail) -
     choices = ", ".join(repr(e.value) for e in MaskEncoding)
     fail(f"mask {name!r} has an unknown encoding {encoding!r} (expected {choices})")
     raise AssertionError  # unreachable: fail() raises
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
@@ -448,9 +429,9 @@ class SafetyMasks:
         os.makedirs(directory, exist_ok=True)
         tensors, header = self.to_encoded()
         data = safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
-        _atomic_write(os.path.join(directory, MASKS_FILENAME), data)
+        atomic_write(os.path.join(directory, MASKS_FILENAME), data)
         card = render_model_card(self, location=directory)
-        _atomic_write(os.path.join(directory, MODEL_CARD_FILENAME), card.encode())
+        atomic_write(os.path.join(directory, MODEL_CARD_FILENAME), card.encode())
 
     @classmethod
     def from_pretrained(
@@ -585,7 +566,7 @@ class SafetyMasks:
         with tempfile.TemporaryDirectory(prefix="safety-masks-") as folder:
             self.save_pretrained(folder)
             card = render_model_card(self, location=repo_id)
-            _atomic_write(os.path.join(folder, MODEL_CARD_FILENAME), card.encode())
+            atomic_write(os.path.join(folder, MODEL_CARD_FILENAME), card.encode())
             return upload_artifact_folder(
                 folder,
                 repo_id,

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 import safety_peft  # noqa: F401  (registers the PEFT method)

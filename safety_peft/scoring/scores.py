@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -13,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from ..atomic import atomic_path
 from ..errors import MaskFileError
 
 _METADATA_KEY = "safety_peft_scores"
@@ -51,19 +51,9 @@ class SafetyScores(Mapping):
             path = os.path.join(path, SCORES_FILENAME)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            tensors = {name: t.contiguous() for name, t in self._scores.items()}
+        tensors = {name: t.contiguous() for name, t in self._scores.items()}
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps({"provenance": self.provenance})})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         return path
 
     @classmethod
