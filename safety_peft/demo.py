@@ -18,7 +18,6 @@ g. write report.md, report.json and PNG plots.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -252,8 +251,9 @@ def findings(report: dict[str, Any]) -> list[str]:
     drop_rand = base["refusal_rate"] - _rate(rand)
     if drop_crit > drop_rand:
         out.append(
-            f"Zeroing the {crit['zeroed']:,} safety-critical weights lowered the refusal rate by "
-            f"{pct(drop_crit)} (to {pct(_rate(crit))}); zeroing as many random weights lowered it by {pct(drop_rand)}."
+            f"Zeroing the {crit['zeroed']:,} safety-critical weights took the refusal rate from "
+            f"{pct(base['refusal_rate'])} to {pct(_rate(crit))}; zeroing as many random weights in the same "
+            f"matrices left it at {pct(_rate(rand))}."
         )
     else:
         out.append(
@@ -266,6 +266,12 @@ def findings(report: dict[str, Any]) -> list[str]:
         f"run {pct(_rate(locked))} (over-refusal {pct(_rate(plain, 'over_refusal_rate'))} vs "
         f"{pct(_rate(locked, 'over_refusal_rate'))})."
     )
+    if _rate(locked) < base["refusal_rate"] - 0.10:
+        out.append(
+            "The lock kept every critical entry bit-identical, yet the locked run lost refusals too: fine-tuning "
+            "the unlocked weights can undo safety without touching the frozen ones (Wei et al. 2024 likewise "
+            "found that freezing safety-critical weights does not stop fine-tuning from removing safety)."
+        )
     check = locked["lock_check"]
     out.append(
         f"Lock check: {check['changed']} of {check['locked_entries']:,} locked entries changed "
