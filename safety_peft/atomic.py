@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -45,3 +46,22 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary sibling folder; if the block succeeds it replaces ``final`` (a complete folder
+    or none, never half of one). On any error the temporary folder is removed and ``final`` is untouched.
+    """
+    final = os.path.abspath(os.fspath(final))
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -22,14 +22,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_folder
 from .errors import SafetyPeftError
 
 DEFAULT_MODEL = "default"
@@ -121,17 +120,11 @@ def cached_folder(final: Path, build: Callable[[Path], None], marker: str) -> Pa
     with _cache_lock(root):
         if (final / marker).is_file():  # another process finished while we waited for the lock
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            build(tmp)
-            if not (tmp / marker).is_file():
+        # An incomplete leftover (no marker), e.g. copied by hand, is replaced.
+        with atomic_folder(final) as tmp:
+            build(Path(tmp))
+            if not (Path(tmp) / marker).is_file():
                 raise RuntimeError(f"building {final.name} did not write {marker}")
-            if final.exists():  # an incomplete leftover (no marker), e.g. copied by hand
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 

@@ -34,6 +34,18 @@ def target_modules(text: str) -> str | list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def save_masks_and_scores(out: str, masks, safety_scores, utility_scores, save_scores: bool) -> None:
+    """Write the mask artifact, and with ``--save-scores`` the raw scores beside it; say where."""
+    import os
+
+    masks.save_pretrained(out)
+    if save_scores:
+        safety_scores.save(os.path.join(out, "safety_scores.safetensors"))
+        if utility_scores is not None:
+            utility_scores.save(os.path.join(out, "utility_scores.safetensors"))
+    print(f"{masks!r}\nsaved to {out}")
+
+
 def add_model_args(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
     parser.add_argument(
         "--model", default="default",

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .common import add_model_args, fraction, positive_int
+from .common import save_masks_and_scores, add_model_args, fraction, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,10 +60,5 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, before, data=args.data, utility_data=args.utility_data,
         progress=not args.no_progress, return_scores=True, **overrides,
     )
-    after.save_pretrained(args.out)
-    if args.save_scores:
-        safety_scores.save(os.path.join(args.out, "safety_scores.safetensors"))
-        if utility_scores is not None:
-            utility_scores.save(os.path.join(args.out, "utility_scores.safetensors"))
-    print(f"{after!r}\nsaved to {args.out}")
+    save_masks_and_scores(args.out, after, safety_scores, utility_scores, args.save_scores)
     return 0

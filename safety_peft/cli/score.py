@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .common import add_model_args, add_scoring_args, fraction
+from .common import save_masks_and_scores, add_model_args, add_scoring_args, fraction
 
 EXAMPLE = """example:
   safety-peft score --model PATH_OR_ID --data safety.jsonl --utility-data utility.jsonl \\
@@ -61,10 +60,5 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, target_modules=args.target_modules, seed=args.seed,
         snip_variant=args.snip_variant, progress=not args.no_progress, return_scores=True,
     )
-    masks.save_pretrained(args.out)
-    if args.save_scores:
-        safety_scores.save(os.path.join(args.out, "safety_scores.safetensors"))
-        if utility_scores is not None:
-            utility_scores.save(os.path.join(args.out, "utility_scores.safetensors"))
-    print(f"{masks!r}\nsaved to {args.out}")
+    save_masks_and_scores(args.out, masks, safety_scores, utility_scores, args.save_scores)
     return 0
