@@ -54,7 +54,7 @@ def add_model_args(parser: argparse.ArgumentParser, help_text: str | None = None
     parser.add_argument("--revision", default=None, help="Hub revision of --model")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-        help="dtype to load the model in (scores are accumulated in float32 either way; default float32)",
+        help="dtype to load the model in (default float32; scoring accumulates in float32 whatever the dtype)",
     )
 
 
