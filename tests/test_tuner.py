@@ -438,3 +438,20 @@ def test_two_active_adapters_train_and_merge_like_their_forward(density):
         both = masks_a[name] & masks_b[name]
         assert torch.equal(bits(merged.get_parameter(name))[both], bits(ref[name])[both])
         assert not torch.equal(merged.get_parameter(name), ref[name])
+
+
+def test_print_trainable_parameters_counts_only_unlocked_entries(capsys):
+    from peft import LoraConfig, get_peft_model as plain_get_peft_model
+
+    base = make_llama(0)
+    masks = random_masks(base, 0.3)
+    locked = sum(int(masks[n].sum()) for n in masks)
+    targets = sum(masks[n].numel() for n in masks)
+    delta_model = get_peft_model(make_llama(0), SafetyFreezeConfig(masks=masks))
+    trainable, total = delta_model.get_nb_trainable_parameters()
+    assert trainable == targets - locked
+    delta_model.print_trainable_parameters()
+    assert f"trainable params: {targets - locked:,d}" in capsys.readouterr().out
+    # Other PEFT methods keep PEFT's own count.
+    lora = plain_get_peft_model(make_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert lora.get_nb_trainable_parameters()[0] == sum(p.numel() for p in lora.parameters() if p.requires_grad)

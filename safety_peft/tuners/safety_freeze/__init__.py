@@ -7,8 +7,9 @@ and transformers' ``load_adapter`` know ``SafetyFreezeConfig`` adapters.
 from ..registration import register_outside_peft_method
 from .config import PEFT_METHOD_NAME, SafetyFreezeConfig
 from .layer import Linear, Lock, SafetyFreezeLayer
-from .model import SafetyFreezeModel
+from .model import SafetyFreezeModel, count_only_what_trains
 
 __all__ = ["Linear", "Lock", "SafetyFreezeConfig", "SafetyFreezeLayer", "SafetyFreezeModel"]
 
 register_outside_peft_method(name=PEFT_METHOD_NAME, config_cls=SafetyFreezeConfig, model_cls=SafetyFreezeModel)
+count_only_what_trains()

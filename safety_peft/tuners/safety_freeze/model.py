@@ -295,3 +295,36 @@ def _validate_header(header: dict[str, Any], model: nn.Module, *, check_fingerpr
     SafetyMasks(empty, granularity=granularity, shapes=shapes, provenance=header.get("provenance")).validate(
         model, check_fingerprint=check_fingerprint
     )
+
+
+def locked_delta_entries(tuner: SafetyFreezeModel) -> int:
+    """Entries of trainable dense updates (``adapter="delta"``) that are locked and so never change."""
+    count = 0
+    for layer in tuner.lock_layers().values():
+        for name, delta in layer.safety_freeze_delta.items():
+            if delta.requires_grad:
+                count += layer.lock(name).num_locked
+    return count
+
+
+def count_only_what_trains() -> None:
+    """Make ``PeftModel.print_trainable_parameters`` count a dense update's unlocked entries only.
+
+    PeftModel counts every element of a trainable tensor; a locked entry of Δ has no effect on the model
+    (its gradient is zero and the forward ignores it), so it is subtracted. Other methods are unaffected.
+    """
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_safety_freeze", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        if isinstance(self.base_model, SafetyFreezeModel):
+            trainable -= locked_delta_entries(self.base_model)
+        return trainable, total
+
+    get_nb_trainable_parameters._safety_freeze = True
+    get_nb_trainable_parameters.__doc__ = original.__doc__
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
