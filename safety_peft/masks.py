@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from enum import Enum
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 
 from safety_peft.atomic import atomic_write
 from safety_peft.errors import MaskFileError, MaskMismatchError
+from safety_peft.hub import looks_like_repo_id
 from safety_peft.provenance import _lookup, model_fingerprint
 
 __all__ = [
@@ -161,11 +161,6 @@ def _decode(name: str, tensor: Tensor, entry: Mapping[str, Any], n: int, fail) -
     raise AssertionError  # unreachable: fail() raises
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
-
-
-def _looks_like_repo_id(value: str) -> bool:
-    return bool(_REPO_ID.match(value)) and ".." not in value and "--" not in value and not value.endswith(".")
 
 
 class SafetyMasks:
@@ -461,7 +456,7 @@ class SafetyMasks:
                 )
         elif os.path.isfile(location):
             path = location
-        elif _looks_like_repo_id(location):
+        elif looks_like_repo_id(location):
             from safety_peft.hub import download_artifact_file
 
             path = download_artifact_file(
@@ -598,7 +593,7 @@ def render_model_card(masks: SafetyMasks, *, location: str | None = None) -> str
     prov = masks.provenance
     base = prov.get("base_model")
     metadata: dict[str, Any] = {"library_name": "safety-peft", "tags": ["safety-peft", "safety", "masks"]}
-    if isinstance(base, str) and _looks_like_repo_id(base) and not os.path.exists(base):
+    if isinstance(base, str) and looks_like_repo_id(base) and not os.path.exists(base):
         metadata["base_model"] = base
     front = yaml.safe_dump(metadata, sort_keys=False).strip()
     where = location or "path/to/masks"
