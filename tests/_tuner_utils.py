@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trl import SFTConfig
+
 from safety_peft.masks import SafetyMasks
 from safety_peft.provenance import model_fingerprint
 
@@ -50,3 +52,28 @@ def lock_stats(model: nn.Module, reference: dict[str, torch.Tensor], masks: Safe
         changed += int((bits(w) != bits(ref))[~m].sum())
         unlocked += int((~m).sum())
     return broken, changed / max(unlocked, 1)
+
+
+def sft_args(out_dir, **overrides) -> SFTConfig:
+    """The SFT settings of the training tests and of the DDP worker they launch (one place)."""
+    args = dict(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=True,  # bf16 autocast on CPU
+        gradient_checkpointing=False,  # TRL's default is on; the lock holds either way, this keeps it fast
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        weight_decay=0.1,
+        learning_rate=1e-2,
+        max_length=64,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    args.update(overrides)
+    return SFTConfig(**args)

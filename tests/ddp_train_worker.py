@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _tuner_utils import random_masks
+from _tuner_utils import random_masks, sft_args  # noqa: E402
 from datasets import Dataset
 from tiny import chat_rows, make_llama, make_tokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import safety_peft.tuners  # noqa: F401
 from safety_peft.callbacks import lock_trainer
@@ -27,25 +27,7 @@ from safety_peft.tuners.safety_freeze import SafetyFreezeConfig
 def main(out_dir: str, adapter: str) -> None:
     torch.set_num_threads(1)
     masks = random_masks(make_llama(0), 0.3)
-    args = SFTConfig(
-        output_dir=out_dir,
-        use_cpu=True,
-        bf16=True,
-        gradient_checkpointing=False,
-        max_steps=4,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_grad_norm=1.0,
-        weight_decay=0.1,
-        learning_rate=1e-2,
-        max_length=64,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = sft_args(out_dir)
     trainer = SFTTrainer(
         model=make_llama(0),
         args=args,

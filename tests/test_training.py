@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-from _tuner_utils import lock_stats, random_masks
+from _tuner_utils import lock_stats, random_masks, sft_args
 from datasets import Dataset
 from peft import PeftModel
 from tiny import chat_rows, make_llama, make_tokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import safety_peft.tuners  # noqa: F401
 from safety_peft.callbacks import lock_trainer
@@ -25,30 +25,6 @@ from safety_peft.verification import verify_lock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def sft_args(out_dir, **overrides):
-    args = dict(
-        output_dir=str(out_dir),
-        use_cpu=True,
-        bf16=True,  # bf16 autocast on CPU
-        gradient_checkpointing=False,  # TRL's default is on; the lock holds either way, this keeps it fast
-        max_steps=4,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_grad_norm=1.0,
-        weight_decay=0.1,
-        learning_rate=1e-2,
-        max_length=64,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    args.update(overrides)
-    return SFTConfig(**args)
 
 
 def make_trainer(out_dir, config, **overrides):
