@@ -93,7 +93,7 @@ def _completion_loss(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
 def _loss_span(completion_mask: torch.Tensor) -> list[int]:
     """Per sample, how many leading positions can influence its loss (up to the last completion target)."""
     idx = torch.arange(completion_mask.shape[1])
-    return [int((idx * row).max()) for row in completion_mask[:, :].long()]
+    return [int((idx * row).max()) for row in completion_mask.long()]
 
 
 def score_model(
@@ -185,8 +185,7 @@ def _accumulate(
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
                 if scorer.needs_backward:
                     _completion_loss(out.logits, batch["input_ids"], batch["completion_mask"]).backward()
-                if hasattr(scorer, "end_batch"):
-                    scorer.end_batch()
+                scorer.end_batch()
                 del out
     finally:
         hooks.remove()

@@ -50,6 +50,9 @@ class ScoringMethod:
     def on_backward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor, lengths: list[int]) -> None:
         """Called when the gradient of target ``name``'s output (B, T, out) is known."""
 
+    def end_batch(self) -> None:
+        """Called after each batch: drop anything cached for the batch."""
+
     def reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
         for t in self.acc.values():
             all_reduce(t)
