@@ -1,7 +1,7 @@
 """Give the embedded model refusal behaviour: the demo's "aligned base".
 
 SmolLM2-135M-Instruct as shipped answers harmful requests, so there is no safety to find in it. A short
-full fine-tune (TRL ``SFTTrainer``, bf16 autocast on CPU, lr 2e-5, batch 8, 2 epochs) on the built-in
+full fine-tune (TRL ``SFTTrainer``, padding-free, bf16 autocast on CPU, lr 2e-5, batch 8, 2 epochs) on the built-in
 harmful requests with refusals, mixed with the built-in benign prompts answered by the model itself
 (``benign_train_self``), teaches it to refuse without refusing everything.
 
@@ -40,7 +40,7 @@ _MARKER = "safety_peft_aligned.json"
 DEFAULT_HARMFUL = "harmful_train"
 DEFAULT_BENIGN = "benign_train_self"
 """Benign half of the training mix: the built-in benign prompts with the embedded model's own answers."""
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: padding-free training (same batches, a different float path)
 
 
 @dataclass(frozen=True)
@@ -155,17 +155,14 @@ def make_aligned_base(
 
 def _train(base, rows: list[dict[str, Any]], settings: AlignmentSettings, out: Path, progress: bool) -> None:
     import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+
+    from .sft import cpu_friendly_sft_trainer
 
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(base, dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="safety_peft_align_") as workdir:
-        config = SFTConfig(
-            output_dir=workdir,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=True,  # autocast; master weights stay float32
-            activation_checkpointing=False,  # 135M parameters fit easily; checkpointing only costs time
+        trainer = cpu_friendly_sft_trainer(
+            model, tokenizer, rows, output_dir=workdir, max_length=settings.max_length, progress=progress,
             learning_rate=settings.learning_rate,
             num_train_epochs=settings.num_epochs,
             max_steps=settings.max_steps,
@@ -173,18 +170,10 @@ def _train(base, rows: list[dict[str, Any]], settings: AlignmentSettings, out: P
             lr_scheduler_type=settings.lr_scheduler_type,
             warmup_steps=settings.warmup_steps,
             weight_decay=settings.weight_decay,
-            max_length=settings.max_length,
             completion_only_loss=True,
             seed=settings.seed,
             data_seed=settings.seed,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=5,
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
         )
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)
         result = trainer.train()
         model = trainer.model
     model.eval()

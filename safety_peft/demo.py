@@ -113,21 +113,17 @@ def _load(path, dtype=torch.float32):
 
 def _finetune(base_path: Path, s: DemoSettings, masks, workdir: Path, progress: bool):
     """One TRL SFT run on the built-in benign fine-tuning set; ``masks`` given -> with the lock."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from .builtin_datasets import load_builtin
+    from .sft import cpu_friendly_sft_trainer
     from .targets import find_target_modules
     from .tuners import SafetyFreezeConfig
 
     model, tokenizer = _load(base_path)
     rows = [dict(r) for r in load_builtin("finetune")]
-    config = SFTConfig(
-        output_dir=str(workdir), use_cpu=not torch.cuda.is_available(), bf16=True, gradient_checkpointing=False,
+    args = dict(
         learning_rate=s.finetune_lr, num_train_epochs=s.finetune_epochs, max_steps=s.finetune_steps,
-        per_device_train_batch_size=s.finetune_batch_size, max_length=s.max_length, weight_decay=0.1,
-        max_grad_norm=1.0, seed=s.seed, data_seed=s.seed, save_strategy="no", report_to="none",
-        logging_steps=5, disable_tqdm=not progress, dataloader_num_workers=0,
+        per_device_train_batch_size=s.finetune_batch_size, weight_decay=0.1, max_grad_norm=1.0,
+        seed=s.seed, data_seed=s.seed,
     )
     peft_config = None
     if masks is None:
@@ -137,8 +133,8 @@ def _finetune(base_path: Path, s: DemoSettings, masks, workdir: Path, progress: 
             p.requires_grad_(name in targets)
     else:
         peft_config = SafetyFreezeConfig(masks=masks)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = cpu_friendly_sft_trainer(model, tokenizer, rows, output_dir=str(workdir), max_length=s.max_length,
+                                       progress=progress, peft_config=peft_config, **args)
     result = trainer.train()
     model = trainer.model
     if masks is not None:
