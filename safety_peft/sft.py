@@ -46,11 +46,13 @@ def cpu_friendly_sft_trainer(
     max_length: int | None,
     progress: bool = True,
     peft_config=None,
+    trainer_cls: type[SFTTrainer] = PlainLossSFTTrainer,
     **sft_args: Any,
 ):
     """A padding-free :class:`PlainLossSFTTrainer` on ``rows`` with bf16 autocast, no checkpoints and no reporting.
 
-    ``sft_args`` are passed to ``SFTConfig`` (learning rate, epochs, batch size, seed, ...).
+    ``sft_args`` are passed to ``SFTConfig`` (learning rate, epochs, batch size, seed, ...);
+    ``trainer_cls=SFTTrainer`` and ``padding_free=False`` give TRL's defaults back (benchmarks/bench_demo_sft.py).
     """
     if not rows:
         raise ValueError("No training rows.")
@@ -66,8 +68,8 @@ def cpu_friendly_sft_trainer(
     )
     defaults.update(sft_args)
     config = SFTConfig(output_dir=output_dir, max_length=None, disable_tqdm=not progress, **defaults)
-    trainer = PlainLossSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                  processing_class=tokenizer, peft_config=peft_config)
+    trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config)
     if max_length is not None:
         trainer.train_dataset = truncate_tokenized(trainer.train_dataset, max_length)
     return trainer
