@@ -1,9 +1,10 @@
 """Give the embedded model refusal behaviour: the demo's "aligned base".
 
 SmolLM2-135M-Instruct as shipped answers harmful requests, so there is no safety to find in it. A short
-full fine-tune (TRL ``SFTTrainer``, padding-free, bf16 autocast on CPU, lr 2e-5, batch 8, 2 epochs) on the built-in
-harmful requests with refusals, mixed with the built-in benign prompts answered by the model itself
-(``benign_train_self``), teaches it to refuse without refusing everything.
+full fine-tune (TRL ``SFTTrainer`` built by :mod:`safety_peft.sft`: padding-free, bf16 autocast on CPU,
+lr 2e-5, batch 8, 2 epochs) on the built-in harmful requests with refusals, mixed with the built-in benign
+prompts answered by the model itself (``benign_train_self``), teaches it to refuse without refusing
+everything.
 
 Why the model's own answers: with the team's hand-written benign answers the fine-tune refused 98-100% of
 held-out harmful prompts but also 32-33% of held-out benign ones; with the model's own answers
@@ -40,7 +41,7 @@ _MARKER = "safety_peft_aligned.json"
 DEFAULT_HARMFUL = "harmful_train"
 DEFAULT_BENIGN = "benign_train_self"
 """Benign half of the training mix: the built-in benign prompts with the embedded model's own answers."""
-_FORMAT_VERSION = 2  # 2: padding-free training (same batches, a different float path)
+_FORMAT_VERSION = 2  # 2: padding-free batches and the model's own loss (same batches, another float path)
 
 
 @dataclass(frozen=True)
