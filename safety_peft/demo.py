@@ -83,13 +83,11 @@ class _Steps:
 
 def _eval(model, tokenizer, s: DemoSettings, progress: bool) -> dict[str, Any]:
     from .builtin_datasets import load_builtin
-    from .evaluation import evaluate_safety
-
-    from .rescore import clone_model
+    from .evaluation import evaluate_safety, generation_copy
 
     # Generation runs on a bfloat16 copy: about 3x faster on CPUs with bf16 matrix units, and the fp32
     # weights stay untouched for scoring, lock checks and drift.
-    model = clone_model(model).to(torch.bfloat16)
+    model = generation_copy(model, torch.bfloat16)
     harmful, benign = load_builtin("harmful_eval"), load_builtin("benign_eval")
     if s.eval_prompts is not None:
         harmful = harmful.select(range(min(s.eval_prompts, len(harmful))))

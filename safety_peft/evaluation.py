@@ -632,6 +632,21 @@ def evaluate_safety(
     return EvalResult(rate(harmful_gens), rate(benign_gens), ppl, harmful_gens, benign_gens, settings)
 
 
+def generation_copy(model, dtype: torch.dtype = torch.bfloat16):
+    """A copy of ``model`` for fast generation: parameters in ``dtype``, buffers left as they are.
+
+    ``model.to(torch.bfloat16)`` would also cast buffers such as Llama's RoPE frequencies (``inv_freq``),
+    which transformers deliberately keeps in float32 when it loads a model with ``dtype=``; in bfloat16
+    the rotary angles drift with the position and the generations change. The original is untouched.
+    """
+    from .rescore import clone_model
+
+    copy = clone_model(model)
+    for param in copy.parameters():
+        param.data = param.data.to(dtype)
+    return copy
+
+
 __all__ = [
     "REFUSAL_PHRASES",
     "REFUSAL_WINDOW",
@@ -643,6 +658,7 @@ __all__ = [
     "evaluate_safety",
     "format_prompt",
     "generate_responses",
+    "generation_copy",
     "is_refusal",
     "load_prompts",
 ]

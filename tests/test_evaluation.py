@@ -16,6 +16,7 @@ from safety_peft.evaluation import (
     evaluate_safety,
     format_prompt,
     generate_responses,
+    generation_copy,
     is_refusal,
     load_prompts,
 )
@@ -233,3 +234,23 @@ def test_eval_cli(model, tok, tmp_path):
     assert eval_cli.run(args) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["num_harmful"] == 2 and data["num_benign"] == 1 and data["perplexity"] > 1
+
+
+# ---------------------------------------------------------------------------------------- bf16 copies
+
+
+def test_generation_copy_matches_a_model_loaded_in_bf16(tmp_path):
+    """Parameters in bf16, RoPE frequencies kept in float32, exactly as transformers loads with dtype=."""
+    from transformers import LlamaForCausalLM
+
+    model = make_llama(0)
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    copy = generation_copy(model, torch.bfloat16)
+
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+    assert {b.dtype for b in copy.buffers()} == {b.dtype for b in loaded.buffers()} == {torch.float32}
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, loaded(ids).logits)
