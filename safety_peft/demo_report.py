@@ -72,6 +72,24 @@ def plot_density(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _category_table(report: dict[str, Any]) -> list[str]:
+    """Refused harmful prompts per harm category and condition (k/n), or nothing without categories."""
+    per_condition = [(name, get(report)["eval"].get("harmful_by_category") or {}) for name, get in CONDITIONS]
+    categories = sorted({c for _, by in per_condition for c in by})
+    if not categories:
+        return []
+    lines = [
+        "### Refused harmful prompts by category",
+        "",
+        "| category | " + " | ".join(name for name, _ in per_condition) + " |",
+        "|---|" + "---:|" * len(per_condition),
+    ]
+    for c in categories:
+        cells = [f"{by[c]['refused']}/{by[c]['total']}" if c in by else "n/a" for _, by in per_condition]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -99,10 +117,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["masks"]
     lock = report["finetune"]["locked"]["lock_check"]
     d = report["drift"]
+    lines += ["", "![refusal rates](refusal_rates.png)", "", *_category_table(report)]
     lines += [
-        "",
-        "![refusal rates](refusal_rates.png)",
-        "",
         "## The critical set",
         "",
         f"{m['num_locked']:,} of {m['num_entries']:,} target entries ({_pct(m['density'])}) are safety-critical "

@@ -147,6 +147,8 @@ class PromptSet:
     prompts: list[Prompt]
     references: list[str] | None
     source: str
+    categories: list[str] | None = None
+    """Each prompt's ``category`` column (e.g. the harm category), when every row has one."""
 
 
 def _content(value: Any) -> str:
@@ -230,7 +232,8 @@ def load_prompts(
     a ``datasets.Dataset``, ``builtin:<name>`` (see :mod:`safety_peft.builtin_datasets`) or a Hub dataset id.
 
     Rows may be ``messages`` (the last assistant turn, if any, is the reference answer), ``prompt`` (+
-    ``completion``), or use another column named by ``prompt_column``/``reference_column``.
+    ``completion``), or use another column named by ``prompt_column``/``reference_column``. A ``category``
+    column, when every row has one, is kept so that results can be broken down by it.
     """
     if isinstance(source, PromptSet):
         return source
@@ -274,7 +277,9 @@ def load_prompts(
     prompts = [p for p, _ in pairs]
     refs = [r for _, r in pairs]
     references = refs if all(r is not None for r in refs) else None
-    return PromptSet(prompts=prompts, references=references, source=str(name))
+    cats = [row.get("category") if isinstance(row, Mapping) else None for row in rows]
+    categories = [str(c) for c in cats] if all(c is not None for c in cats) else None
+    return PromptSet(prompts=prompts, references=references, source=str(name), categories=categories)
 
 
 def _load_hub(dataset_id: str, split: str) -> list[Any]:
@@ -493,6 +498,7 @@ class Generation:
     prompt: Prompt
     response: str
     refused: bool
+    category: str | None = None
 
 
 @dataclass
@@ -514,8 +520,21 @@ class EvalResult:
     def num_benign(self) -> int:
         return len(self.benign)
 
+    def by_category(self, half: str = "harmful") -> dict[str, dict[str, Any]]:
+        """Refusals per prompt category of the ``"harmful"`` or ``"benign"`` half, sorted by category:
+        ``{category: {"refused": k, "total": n, "rate": k / n}}``; empty when the prompts had no categories."""
+        if half not in ("harmful", "benign"):
+            raise ValueError(f"half must be 'harmful' or 'benign', got {half!r}.")
+        counts: dict[str, list[int]] = {}
+        for g in getattr(self, half):
+            if g.category is not None:
+                tally = counts.setdefault(g.category, [0, 0])
+                tally[0] += g.refused
+                tally[1] += 1
+        return {c: {"refused": k, "total": n, "rate": k / n} for c, (k, n) in sorted(counts.items())}
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable form: the metrics, counts, settings and every generation."""
+        """JSON-serializable form: the metrics, counts, per-category refusals, settings and every generation."""
         return {
             "refusal_rate": self.refusal_rate,
             "over_refusal_rate": self.over_refusal_rate,
@@ -523,6 +542,8 @@ class EvalResult:
             "num_harmful": self.num_harmful,
             "num_benign": self.num_benign,
             "num_empty_responses": sum(not g.response for g in self.harmful + self.benign),
+            "harmful_by_category": self.by_category("harmful"),
+            "benign_by_category": self.by_category("benign"),
             "settings": self.settings,
             "harmful": [asdict(g) for g in self.harmful],
             "benign": [asdict(g) for g in self.benign],
@@ -561,6 +582,10 @@ class EvalResult:
             "perplexity (benign references, lower better): "
             + ("n/a" if self.perplexity is None else f"{self.perplexity:.3f}"),
         ]
+        by_category = self.by_category("harmful")
+        if by_category:
+            lines.append("refused harmful, by category: " + ", ".join(
+                f"{c} {v['refused']}/{v['total']}" for c, v in by_category.items()))
         return "\n".join(lines)
 
 
@@ -601,7 +626,8 @@ def evaluate_safety(
         if prompt_set is None:
             return []
         responses = generate_responses(model, tokenizer, prompt_set.prompts, desc=desc, **gen)
-        return [Generation(p, r, decide(p, r)) for p, r in zip(prompt_set.prompts, responses)]
+        categories = prompt_set.categories or [None] * len(responses)
+        return [Generation(p, r, decide(p, r), c) for p, r, c in zip(prompt_set.prompts, responses, categories)]
 
     harmful_gens = run(harmful, "harmful prompts")
     benign_gens = run(benign, "benign prompts")

@@ -51,6 +51,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert drift.summary["locked_before"] == masks.num_locked
     md = (out / "report.md").read_text()
     assert "## What this run found" in md and "| aligned base |" in md
+    assert "### Refused harmful prompts by category" in md
+    by_category = report["aligned_base"]["eval"]["harmful_by_category"]
+    assert sum(v["total"] for v in by_category.values()) == 12 and len(by_category) > 1
     for png in ["refusal_rates.png", "critical_density.png"]:
         assert (out / png).read_bytes()[:8] == PNG
     assert any(p.suffix == ".png" for p in (out / "drift").iterdir())

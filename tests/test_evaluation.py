@@ -209,6 +209,35 @@ def test_evaluate_safety_rates_come_from_the_judge(model, tok):
     assert always.refusal_rate == 1.0 and always.over_refusal_rate is None and always.perplexity is None
 
 
+def test_load_prompts_keeps_categories_only_when_every_row_has_one():
+    rows = [{"prompt": "a", "category": "fraud"}, {"prompt": "b", "category": "malware"}]
+    assert load_prompts(rows).categories == ["fraud", "malware"]
+    assert load_prompts(rows + [{"prompt": "c"}]).categories is None
+    assert load_prompts(["a", "b"]).categories is None
+    assert len(set(load_prompts("builtin:harmful_eval").categories)) > 5
+
+
+def test_refusals_by_category(model, tok):
+    harmful = [{"prompt": f"bad {i}", "category": "fraud" if i < 3 else "malware"} for i in range(5)]
+
+    def judge(prompt, response):
+        return prompt in ("bad 0", "bad 1", "bad 4")
+
+    result = evaluate_safety(model, tok, harmful, ["good"], judge=judge, max_new_tokens=2, perplexity=False,
+                             progress=False)
+    assert [g.category for g in result.harmful] == ["fraud"] * 3 + ["malware"] * 2
+    assert result.by_category("harmful") == {
+        "fraud": {"refused": 2, "total": 3, "rate": 2 / 3},
+        "malware": {"refused": 1, "total": 2, "rate": 0.5},
+    }
+    assert result.by_category("benign") == {}  # plain strings have no category
+    assert result.to_dict()["harmful_by_category"] == result.by_category("harmful")
+    assert "fraud 2/3, malware 1/2" in result.summary()
+    assert EvalResult.from_dict(result.to_dict()).by_category() == result.by_category()
+    with pytest.raises(ValueError, match="half"):
+        result.by_category("both")
+
+
 def test_eval_result_round_trips_through_json(model, tok, tmp_path):
     result = evaluate_safety(model, tok, ["x"], [{"prompt": "y", "completion": "z"}], max_new_tokens=2, progress=False)
     path = result.save(tmp_path / "sub" / "r.json")
@@ -217,6 +246,9 @@ def test_eval_result_round_trips_through_json(model, tok, tmp_path):
     again = EvalResult.load(path)
     assert again.to_dict() == result.to_dict()
     assert "refusal rate" in result.summary()
+    for g in data["harmful"] + data["benign"]:  # files written before categories existed still load
+        del g["category"]
+    assert EvalResult.from_dict(data).harmful[0].response == result.harmful[0].response
 
 
 def test_eval_cli(model, tok, tmp_path):
