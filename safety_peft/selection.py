@@ -27,7 +27,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,20 +57,21 @@ _SLAB = 1 << 22  # entries per concatenated slab in global selection (16 MiB of 
 _NUMPY_BINCOUNT_MAX = 1 << 20  # below this many values numpy's bincount is cheaper than torch's
 
 
-def _parse_group(group: GroupLike) -> SelectionGroup:
+def _parse_choice(enum_cls: type[Enum], value: Any, what: str):
+    """``enum_cls(value)``, or a SelectionError that lists the valid values."""
     try:
-        return SelectionGroup(group)
+        return enum_cls(value)
     except ValueError:
-        choices = ", ".join(repr(g.value) for g in SelectionGroup)
-        raise SelectionError(f"unknown selection group {group!r}; choose one of {choices}") from None
+        choices = ", ".join(repr(member.value) for member in enum_cls)
+        raise SelectionError(f"unknown {what} {value!r}; choose one of {choices}") from None
+
+
+def _parse_group(group: GroupLike) -> SelectionGroup:
+    return _parse_choice(SelectionGroup, group, "selection group")
 
 
 def _parse_granularity(granularity: GranularityLike) -> Granularity:
-    try:
-        return Granularity(granularity)
-    except ValueError:
-        choices = ", ".join(repr(g.value) for g in Granularity)
-        raise SelectionError(f"unknown granularity {granularity!r}; choose one of {choices}") from None
+    return _parse_choice(Granularity, granularity, "granularity")
 
 
 def _check_fraction(fraction: float, what: str) -> Fraction:
