@@ -108,12 +108,12 @@ def _load_rows(source: Any, split: str) -> list[dict]:
         )
     path = os.fspath(source)
     if path.startswith("builtin:"):
-        from .builtin_datasets import BUILTIN_DATASETS, load_builtin
+        from .builtin_datasets import load_builtin
 
-        name = path.split(":", 1)[1]
-        if name not in BUILTIN_DATASETS:
-            raise CalibrationDataError(f"Unknown built-in dataset {name!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
-        return [dict(row) for row in load_builtin(name)]
+        try:
+            return [dict(row) for row in load_builtin(path.split(":", 1)[1])]
+        except KeyError as err:  # load_builtin names the valid datasets
+            raise CalibrationDataError(err.args[0]) from None
     ext = os.path.splitext(path)[1].lower()
     if os.path.isfile(path):
         if ext not in _FILE_BUILDERS:

@@ -127,3 +127,8 @@ def test_local_files_are_recorded_by_absolute_path(tmp_path, monkeypatch, tokeni
     monkeypatch.chdir(tmp_path)
     data = load_calibration_data("rel.jsonl", tokenizer)
     assert data.source == str(tmp_path / "rel.jsonl")
+
+
+def test_unknown_builtin_dataset_is_a_clear_error():
+    with pytest.raises(CalibrationDataError, match=r"Unknown built-in dataset 'nope'.*harmful_train"):
+        load_calibration_data("builtin:nope", make_tokenizer())
